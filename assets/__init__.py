@@ -1,0 +1,1 @@
+"""Dagster asset definitions of kad-pipeline, one module per pipeline stage."""

@@ -1,0 +1,1 @@
+"""Dagster resources of kad-pipeline: storage, knowledge source, extractors and compute."""
