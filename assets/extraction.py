@@ -1,14 +1,21 @@
-"""Extraction: clinical entities and presence labels from report text with the rules extractor."""
+"""Extraction: clinical entities and presence labels from report text with the rules extractor.
+
+Per-report results come from the extraction cache where the report text was seen before, so
+re-running a bucket after one report changed extracts only that report.
+"""
 
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from assets.automation import bucket_automation_condition
 from assets.metadata import markdown_table
-from assets.partitions import partition_output, report_buckets, single_run, split_by_bucket
+from assets.partitions import N_BUCKETS, partition_output, report_buckets, single_run, split_by_bucket
+from kad_pipeline.extraction.cache import ExtractionCache
 from kad_pipeline.extraction.labels import label_matrix
 from kad_pipeline.extraction.rules import RulesExtractor
 from kad_pipeline.queries import KAD_QUERIES
+from resources.storage import ArtifactStorageResource
 
 
 class RulesExtractionConfig(dg.Config):
@@ -25,11 +32,15 @@ class RulesExtractionConfig(dg.Config):
     group_name="extraction",
     partitions_def=report_buckets,
     backfill_policy=single_run,
-    code_version="report-entities-rules-v1",
+    code_version="report-entities-rules-v2",
     kinds={"polars", "parquet"},
+    automation_condition=bucket_automation_condition(),
 )
 def report_entities_rules(
-    context: dg.AssetExecutionContext, config: RulesExtractionConfig, reports: pl.DataFrame
+    context: dg.AssetExecutionContext,
+    config: RulesExtractionConfig,
+    reports: pl.DataFrame,
+    storage: ArtifactStorageResource,
 ):
     """Entity mentions found by the knowledge-base rules extractor, one row per mention.
 
@@ -38,10 +49,12 @@ def report_entities_rules(
     extractor, extractor_version.
     """
     extractor = RulesExtractor(queries=KAD_QUERIES, mode=config.mode)
-    entities = extractor.extract(reports)
+    cache = ExtractionCache(storage.store(), "rules", extractor.version, N_BUCKETS)
+    cached = cache.extract(reports, extractor.extract, context.partition_keys)
+    entities = cached.table
     context.log.info(
-        "Rules extractor %s (%s mode) found %d mentions in %d reports",
-        extractor.version, config.mode, entities.height, reports.height,
+        "Rules extractor %s (%s mode) found %d mentions in %d reports; %d texts from the cache, %d extracted",
+        extractor.version, config.mode, entities.height, reports.height, cached.hits, cached.misses,
     )
     frames = split_by_bucket(entities, context.partition_keys)
     return dg.Output(
@@ -50,6 +63,9 @@ def report_entities_rules(
             "extractor_version": extractor.version,
             "mode": config.mode,
             "reports": reports.height,
+            "cache_hits": cached.hits,
+            "extracted": cached.misses,
+            "cache_uri": cache.store.uri(cache.folder_key()),
             "mentions_by_category": dg.MetadataValue.json(
                 dict(entities.group_by("category").len().rows()) if entities.height else {}
             ),
@@ -63,6 +79,7 @@ def report_entities_rules(
     backfill_policy=single_run,
     code_version="report-labels-v1",
     kinds={"polars", "parquet"},
+    automation_condition=bucket_automation_condition(),
 )
 def report_labels(context: dg.AssetExecutionContext, reports: pl.DataFrame, report_entities_rules: pl.DataFrame):
     """The label matrix: one row per report, one column per KAD query entity.
@@ -85,6 +102,7 @@ def report_labels(context: dg.AssetExecutionContext, reports: pl.DataFrame, repo
     group_name="extraction",
     code_version="entity-vocabulary-v1",
     kinds={"polars", "parquet"},
+    automation_condition=bucket_automation_condition(),
     ins={"report_entities_rules": dg.AssetIn()},
 )
 def entity_vocabulary(context: dg.AssetExecutionContext, report_entities_rules: pl.DataFrame) -> dg.Output:

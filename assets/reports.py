@@ -3,6 +3,7 @@
 import dagster as dg
 import polars as pl
 
+from assets.automation import bucket_automation_condition, report_files
 from assets.partitions import N_BUCKETS, partition_output, report_buckets, single_run, split_by_bucket
 from kad_pipeline.partitions import bucket_key, bucket_of
 from kad_pipeline.reports import iter_raw_reports, parse_raw_reports
@@ -18,20 +19,26 @@ REPORTS_CODE_VERSION = "reports-v1"
             "image ids and MeSH terms where the source has them. One Parquet file per hash bucket.",
             code_version=REPORTS_CODE_VERSION,
             kinds={"polars", "parquet"},
+            automation_condition=bucket_automation_condition(),
         ),
         "invalid_reports": dg.AssetOut(
             description="Reports that could not be used (empty, undecodable, control characters, too "
             "large, malformed), with a reason code and a sentence that never quotes the report.",
             code_version=REPORTS_CODE_VERSION,
             kinds={"polars", "parquet"},
+            automation_condition=bucket_automation_condition(),
         ),
     },
+    deps=[report_files],
     group_name="reports",
     partitions_def=report_buckets,
     backfill_policy=single_run,
 )
 def reports(context: dg.AssetExecutionContext, report_source: ReportSourceResource):
-    """Read the report collection once and parse the reports that fall in the requested buckets."""
+    """Read the report collection once and parse the reports that fall in the requested buckets.
+
+    A requested bucket with no reports left gets empty tables, so deleted reports leave no rows.
+    """
     wanted = set(context.partition_keys)
     path = report_source.resolved_path()
     context.log.info("Reading reports from %s for %d bucket(s)", path, len(wanted))

@@ -8,6 +8,9 @@ Settings come from the environment, so the same code runs on a laptop and in a c
   (default: ``.kad_artifacts`` in the working directory).
 - ``KAD_S3_ENDPOINT_URL``: endpoint of an S3-compatible store (unset for AWS S3).
 - ``KAD_REPORT_BUCKETS``: number of hash buckets of report ids (default 32).
+- ``KAD_DEPLOYMENT``: ``local`` (the default executor, training in this process) or
+  ``production`` (the Kubernetes executor and the ``stage1_pod`` and ``stage2_pod``
+  training pod resources, configured as ``resources/deploy.py`` describes).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets import evaluation, extraction, extraction_models, images, knowledge, reports, training
+from assets import automation, evaluation, extraction, extraction_models, images, knowledge, reports, training
 from resources.io_manager import ParquetIOManager
 from resources.reports import ReportSourceResource
 from resources.storage import ArtifactStorageResource, default_artifacts_uri
@@ -31,7 +34,16 @@ logger = logging.getLogger(__name__)
 PARTITION_RANGE_START = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END = "dagster/asset_partition_range_end"
 
-ASSET_MODULES = (reports, extraction, extraction_models, knowledge, images, training, evaluation)
+ASSET_MODULES = (automation, reports, extraction, extraction_models, knowledge, images, training, evaluation)
+DEPLOYMENT_MODES = ("local", "production")
+
+
+def deployment_mode() -> str:
+    """Return ``$KAD_DEPLOYMENT``: "local" (the default) or "production"."""
+    mode = os.environ.get("KAD_DEPLOYMENT") or "local"
+    if mode not in DEPLOYMENT_MODES:
+        raise ValueError(f"KAD_DEPLOYMENT must be one of {', '.join(DEPLOYMENT_MODES)}, got {mode!r}")
+    return mode
 
 
 def default_resources(artifacts_uri: str | None = None, s3_endpoint_url: str | None = None) -> dict[str, Any]:
@@ -64,19 +76,36 @@ def build_definitions(
 ) -> dg.Definitions:
     """Build the code location; tests pass small resources through ``resource_overrides``."""
     resources = default_resources(artifacts_uri, s3_endpoint_url)
+    executor = None
+    if deployment_mode() == "production":
+        from resources.deploy import production_executor, training_pod_resources
+
+        resources.update(training_pod_resources())
+        executor = production_executor()
     resources.update(resource_overrides or {})
     return dg.Definitions(
-        assets=dg.load_assets_from_modules(list(ASSET_MODULES)),
+        assets=automation.with_bucket_automation(dg.load_assets_from_modules(list(ASSET_MODULES))),
         resources=resources,
+        executor=executor,
+        jobs=automation.JOBS,
+        schedules=automation.SCHEDULES,
+        sensors=automation.SENSORS,
     )
 
 
-def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance | None = None, log=logger.info) -> dict:
-    """Materialize every asset of ``defs``: the bucketed per-report assets first, in one run
-    over the whole bucket range, then everything downstream in a second run.
+def materialize_all(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    log=logger.info,
+) -> dict:
+    """Materialize every asset of ``defs``: observe the report source, materialize the
+    bucketed per-report assets in one run over the whole bucket range, then everything
+    downstream in a second run.
 
-    ``instance`` defaults to the one of ``$DAGSTER_HOME``. Returns the run ids by step and
-    raises ``RuntimeError`` when a run fails.
+    ``instance`` defaults to the one of ``$DAGSTER_HOME``; ``run_config`` holds asset
+    settings by op name (``{"ops": {"kad_model": {"config": {...}}}}``). Returns the run
+    ids by step and raises ``RuntimeError`` when a run fails.
     """
     instance = instance or dg.DagsterInstance.get()
     graph = defs.resolve_asset_graph()
@@ -86,6 +115,13 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance | None = 
     job = defs.resolve_implicit_global_asset_job_def()
     run_ids = {}
 
+    # Observing the report source first records each bucket's data version, so that a
+    # schedule or sensor switched on later sees nothing new and re-runs nothing.
+    observe = defs.resolve_job_def(automation.OBSERVE_JOB_NAME)
+    result = observe.execute_in_process(instance=instance, raise_on_error=False)
+    _check(result, "report source observation")
+    run_ids["observe"] = result.run_id
+
     if partitioned:
         partition_keys = graph.get(partitioned[0]).partitions_def.get_partition_keys()
         log(f"Step 1/2: {len(partitioned)} per-report assets over {len(partition_keys)} buckets")
@@ -93,6 +129,7 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance | None = 
         result = job.execute_in_process(
             instance=instance,
             asset_selection=partitioned,
+            run_config=_run_config_for(defs, run_config, partitioned),
             tags={PARTITION_RANGE_START: partition_keys[0], PARTITION_RANGE_END: partition_keys[-1]},
             raise_on_error=False,
         )
@@ -102,11 +139,27 @@ def materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance | None = 
 
     log(f"Step 2/2: {len(unpartitioned)} assets: vocabulary, knowledge, training, evaluation")
     started = time.monotonic()
-    result = job.execute_in_process(instance=instance, asset_selection=unpartitioned, raise_on_error=False)
+    result = job.execute_in_process(
+        instance=instance,
+        asset_selection=unpartitioned,
+        run_config=_run_config_for(defs, run_config, unpartitioned),
+        raise_on_error=False,
+    )
     _check(result, "downstream assets")
     run_ids["downstream"] = result.run_id
     log(f"Step 2/2 finished in {time.monotonic() - started:.0f} s (run {result.run_id})")
     return run_ids
+
+
+def _run_config_for(
+    defs: dg.Definitions, run_config: Mapping[str, Any] | None, keys: list[dg.AssetKey]
+) -> dict[str, Any]:
+    """Keep the op settings of the selected assets: a run rejects config for ops it does not run."""
+    if not run_config:
+        return {}
+    names = {defs.resolve_assets_def(key).node_def.name for key in keys}
+    ops = {name: value for name, value in run_config.get("ops", {}).items() if name in names}
+    return {**{k: v for k, v in run_config.items() if k != "ops"}, "ops": ops}
 
 
 def _check(result, what: str) -> None:

@@ -29,6 +29,10 @@ class ArtifactNotFoundError(FileNotFoundError):
     """An artifact key or URI does not exist in the store."""
 
 
+class ArtifactCorruptError(RuntimeError):
+    """A stored file does not match the manifest of the folder it belongs to."""
+
+
 class ArtifactStore:
     """Read and write artifacts by key under a base URI (``/path``, ``file://`` or ``s3://``)."""
 
@@ -170,7 +174,10 @@ class ArtifactStore:
     def get_dir(self, uri_or_key: str, local_dir: str | os.PathLike | None = None) -> Path:
         """Return a local folder holding an uploaded folder, downloading it if needed.
 
-        For a local store without ``local_dir`` the stored folder itself is returned.
+        For a local store without ``local_dir`` the stored folder itself is returned. Every
+        file is checked against the size and SHA-256 in the manifest, so a folder whose
+        re-upload to the same key crashed half way is rejected rather than read as a mix of
+        versions. Writers should still use a new key per version.
         """
         key = self.key_of(uri_or_key)
         try:
@@ -181,12 +188,16 @@ class ArtifactStore:
                 "uploaded or its upload did not finish; materialize the asset that writes it again"
             ) from None
         if not self.is_s3 and local_dir is None:
-            return self.root / key
+            folder = self.root / key
+            for relative, expected in manifest["files"].items():
+                _verify(folder / relative, expected, self.uri(f"{key}/{relative}"))
+            return folder
         if local_dir is None:
             local_dir = Path(tempfile.mkdtemp(prefix="kad-artifact-"))
         local_dir = Path(local_dir)
-        for relative in manifest["files"]:
-            self.get_file(f"{key}/{relative}", local_dir / relative)
+        for relative, expected in manifest["files"].items():
+            path = self.get_file(f"{key}/{relative}", local_dir / relative)
+            _verify(path, expected, self.uri(f"{key}/{relative}"))
         return local_dir
 
     # -- listing ----------------------------------------------------------------------
@@ -234,6 +245,16 @@ def _clean_key(key: str) -> str:
     if not key or any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"invalid artifact key {key!r}: use a relative path without '.' or '..' parts")
     return key
+
+
+def _verify(path: Path, expected: dict, uri: str) -> None:
+    if not path.is_file():
+        raise ArtifactNotFoundError(f"{uri} is listed in its folder manifest but missing")
+    if path.stat().st_size != expected["size"] or _sha256_file(path) != expected["sha256"]:
+        raise ArtifactCorruptError(
+            f"{uri} does not match its folder manifest (size or SHA-256): an upload to the same key "
+            "did not finish; materialize the asset that writes it again"
+        )
 
 
 def _sha256_file(path: Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import dagster as dg
@@ -142,7 +141,3 @@ def _run_id(context: dg.OutputContext) -> str | None:
     except dg.DagsterInvariantViolationError:
         return None
 
-
-def lineage_json(lineage: dict[str, Any]) -> str:
-    """Return a lineage document as stable JSON text."""
-    return json.dumps(lineage, sort_keys=True)

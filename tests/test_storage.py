@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from kad_pipeline.parquet import read_lineage, read_parquet, write_parquet
-from kad_pipeline.storage import ArtifactNotFoundError, ArtifactStore
+from kad_pipeline.storage import ArtifactCorruptError, ArtifactNotFoundError, ArtifactStore
 from resources.io_manager import ParquetIOManager
 
 
@@ -40,6 +40,11 @@ def test_dir_round_trip_and_incomplete_upload(tmp_path):
     copy = store.get_dir("checkpoints/run1", tmp_path / "copy")
     assert (copy / "model.safetensors").read_bytes() == b"\x00\x01"
     assert (copy / "sub" / "config.json").read_text() == "{}"
+
+    # A re-upload to the same key that crashed after one file leaves a mismatching file.
+    (tmp_path / "store" / "checkpoints" / "run1" / "model.safetensors").write_bytes(b"\x00\x02")
+    with pytest.raises(ArtifactCorruptError, match="does not match its folder manifest"):
+        store.get_dir("checkpoints/run1")
 
     # Files without the manifest written last are an unfinished upload.
     store.put_bytes("checkpoints/run2/model.safetensors", b"partial")

@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: dataset readers, scoring, metrics with bootstrap intervals, grounding, report."""

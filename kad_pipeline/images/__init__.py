@@ -1,0 +1,1 @@
+"""Radiograph inputs: decoding, manifests of image layouts, and the decoded-image cache."""

@@ -1,0 +1,1 @@
+"""Neural network models of KAD: the knowledge (text) encoder and the image-side models."""

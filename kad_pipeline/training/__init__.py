@@ -1,0 +1,1 @@
+"""Training loops and learning-rate schedules for both KAD training stages."""
