@@ -120,7 +120,9 @@ class KADModelConfig(dg.Config):
     """Stage-2 settings. The defaults follow the KAD paper: ResNet-50 cut after layer3 at 224 px.
 
     Demo deviation: a 2-core CPU cannot train ResNet-50 in minutes, so the offline demo sets
-    backbone="resnet18" and image_size=128 (random init, as every backbone here).
+    backbone="resnet18", image_size=128 (with the image_cache image_size also 128), epochs=3,
+    global_batch_size=32, lr=5e-4, warmup_steps=20 and crop_scale_min=0.8. Every backbone here
+    starts from random weights unless weights_path names a local file.
     """
 
     backbone: str = Field(default="resnet50", description="resnet18|resnet34|resnet50|resnet101|vit_b_16.")

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``kad`` command line and return its exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        # The demo's Dagster instance already prints library logs with its run and step ids.
+        return int(args.handler(args) or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -162,7 +162,7 @@ def _run_config_for(
     return {**{k: v for k, v in run_config.items() if k != "ops"}, "ops": ops}
 
 
-def _check(result, what: str) -> None:
+def _check(result, description: str) -> None:
     if result.success:
         return
     failures = [
@@ -170,7 +170,7 @@ def _check(result, what: str) -> None:
         for event in result.all_events
         if event.is_step_failure
     ]
-    raise RuntimeError(f"the run of the {what} failed:\n" + "\n".join(failures))
+    raise RuntimeError(f"the run of the {description} failed:\n" + "\n".join(failures))
 
 
 def latest_metadata(asset: str, instance: dg.DagsterInstance | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ text, so a lost entry only costs a recomputation.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -95,13 +96,20 @@ class ExtractionCache:
     ) -> CachedExtraction:
         """Return ``extract(reports)``, computing it only for texts that no shard contains yet.
 
-        ``reports`` needs report_id and text_sha256 (plus what ``extract`` reads) and must
+        ``reports`` needs report_id and text (plus what ``extract`` reads); text_sha256 is
+        computed from the text when the frame lacks it. It must
         contain every report of ``buckets`` and nothing else. ``extract`` is called at most once,
         with one report per uncached text, and returns rows with a report_id column. It may
         also return ``(rows, failed_report_ids)``: the texts of failed reports are neither
         cached nor returned, so the next run tries them again. Each bucket's shard is
         rewritten when it gained or lost entries.
         """
+        if "text_sha256" not in reports.columns and "text" in reports.columns:
+            reports = reports.with_columns(
+                pl.col("text")
+                .map_elements(lambda text: hashlib.sha256(text.encode("utf-8")).hexdigest(), return_dtype=pl.String)
+                .alias("text_sha256")
+            )
         for column in ("report_id", "text_sha256"):
             if column not in reports.columns:
                 raise ValueError(f"the reports frame has no {column!r} column; columns: {reports.columns}")

@@ -60,6 +60,8 @@ def openi_tarball_path() -> Path:
 # ---------------------------------------------------------------- Open-i XML
 
 def _parse_openi_xml(data: bytes, source_path: str) -> RawReport:
+    if not data.strip():
+        return RawReport(None, "openi", source_path, error=("empty", "the XML file is empty"))
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError as error:

@@ -132,12 +132,12 @@ def write_training_bundle(
     if missing:
         raise ValueError(f"training pairs lack columns {missing}")
     if query_embeddings.shape[0] != len(query_names):
-        raise ValueError(f"{query_embeddings.shape[0]} query embeddings for {len(query_names)} query names")
+        raise ValueError(f"got {query_embeddings.shape[0]} query embeddings for {len(query_names)} query names; expected one per name")
     if query_embeddings.shape[1] != text_embeddings.shape[1]:
-        raise ValueError(f"query width {query_embeddings.shape[1]} differs from text width {text_embeddings.shape[1]}")
+        raise ValueError(f"query embedding width {query_embeddings.shape[1]} differs from text embedding width {text_embeddings.shape[1]}; embed both with one encoder")
     max_index = pairs["text_index"].max()
     if max_index is not None and max_index >= text_embeddings.shape[0]:
-        raise ValueError(f"text_index {max_index} out of range for {text_embeddings.shape[0]} text embeddings")
+        raise ValueError(f"invalid text_index {max_index}: only {text_embeddings.shape[0]} text embeddings were given")
 
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
