@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import Any
+
 import dagster as dg
 import polars as pl
 from pydantic import Field
@@ -150,13 +152,19 @@ def _fingerprint(*parts: object) -> str:
     return digest.hexdigest()[:16]
 
 
-@dg.asset(group_name=GROUP, code_version=MODEL_CODE_VERSION, kinds={"pytorch", "polars", "parquet"}, pool="gpu")
+@dg.asset(
+    group_name=GROUP,
+    code_version=MODEL_CODE_VERSION,
+    kinds={"pytorch", "polars", "parquet"},
+    pool="gpu",
+)
 def kad_model(
     context: dg.AssetExecutionContext,
     config: KADModelConfig,
     storage: ArtifactStorageResource,
     compute: ComputeResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
+    stage2_pod: dg.ResourceParam[Any],
     training_pairs: pl.DataFrame,
     image_cache: pl.DataFrame,
     knowledge_encoder: pl.DataFrame,
@@ -210,10 +218,16 @@ def kad_model(
     config_path = run_root / "stage2_config.json"
     config_path.write_text(json.dumps(stage2.to_dict(), indent=2))
 
-    command = compute.launch_command("kad_pipeline.training.stage2_main", ["--config", str(config_path)])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    context.log.info("Launching stage 2: %s", " ".join(command))
-    invocation = pipes_subprocess_client.run(context=context, command=command, env=env, cwd=str(REPO_ROOT))
+    if stage2_pod is not None:
+        # Production: a GPU pod runs torchrun over the same entry point. compute.work_dir must
+        # be the shared scratch volume, so the pod reads the bundle and writes the checkpoint
+        # where this step can upload it. NOTE: this branch has not run against a cluster.
+        invocation = stage2_pod.launch(context, "kad_pipeline.training.stage2_main", ["--config", str(config_path)])
+    else:
+        command = compute.launch_command("kad_pipeline.training.stage2_main", ["--config", str(config_path)])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        context.log.info("Launching stage 2: %s", " ".join(command))
+        invocation = pipes_subprocess_client.run(context=context, command=command, env=env, cwd=str(REPO_ROOT))
     finals = [message for message in invocation.get_custom_messages() if isinstance(message, dict) and message.get("event") == "final"]
     if not finals:
         raise RuntimeError(f"stage 2 exited without reporting a final summary; see the logs under {run_root / 'run'}")

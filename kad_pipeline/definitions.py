@@ -66,6 +66,9 @@ def default_resources(artifacts_uri: str | None = None, s3_endpoint_url: str | N
         "radgraph": RadGraphResource(),
         "compute": ComputeResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        # Training pods exist only in production mode; locally stage 2 runs as a subprocess.
+        "stage1_pod": dg.ResourceDefinition.none_resource(),
+        "stage2_pod": dg.ResourceDefinition.none_resource(),
     }
 
 

@@ -238,7 +238,8 @@ def test_kad_model_asset_through_pipes(inputs, tmp_path):
     encoder.save(tmp_path / "encoder")
     encoder_uri = storage.put_dir(tmp_path / "encoder", "checkpoints/knowledge_encoder/test")
     resources = {"storage": storage, "compute": ComputeResource(work_dir=str(tmp_path / "work"), num_threads=1),
-                 "pipes_subprocess_client": dg.PipesSubprocessClient()}
+                 "pipes_subprocess_client": dg.PipesSubprocessClient(),
+                 "stage2_pod": dg.ResourceDefinition.none_resource()}
     run_config = {"backbone": "resnet18", "image_size": 32, "epochs": 1, "global_batch_size": 8,
                   "warmup_steps": 1, "checkpoint_every_steps": 0}
     selection = [*_stub_assets(inputs, encoder_uri), kad_model]
