@@ -11,7 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kad_pipeline.extraction import cli as extraction_cli
     from kad_pipeline import demo
 
-    parser = argparse.ArgumentParser(prog="kad", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kad", description="Label reports, evaluate scores and run the offline demo of kad-pipeline."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", required=True)
 
