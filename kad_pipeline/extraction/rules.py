@@ -53,23 +53,10 @@ from kad_pipeline.extraction.lexicon import (
     load_obo,
     tokenize_term,
 )
+from kad_pipeline.extraction.schema import ENTITY_SCHEMA
 from kad_pipeline.queries import KAD_QUERIES
 
 logger = logging.getLogger(__name__)
-
-ENTITY_SCHEMA: dict[str, pl.DataType] = {
-    "report_id": pl.String(),
-    "sentence_index": pl.Int32(),
-    "char_start": pl.Int32(),
-    "char_end": pl.Int32(),
-    "entity": pl.String(),
-    "query": pl.String(),
-    "category": pl.String(),
-    "cui": pl.String(),
-    "semantic_type": pl.String(),
-    "extractor": pl.String(),
-    "extractor_version": pl.String(),
-}
 
 PRESENT, ABSENT, UNCERTAIN = "OBS-DP", "OBS-DA", "OBS-U"
 MODES = ("scoped", "paper")
