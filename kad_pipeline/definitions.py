@@ -106,7 +106,7 @@ def materialize_all(
     bucketed per-report assets in one run over the whole bucket range, then everything
     downstream in a second run.
 
-    ``instance`` defaults to the one of ``$DAGSTER_HOME``; ``run_config`` holds asset
+    ``instance`` defaults to the one of ``$DAGSTER_HOME``; ``run_config`` contains asset
     settings by op name (``{"ops": {"kad_model": {"config": {...}}}}``). Returns the run
     ids by step and raises ``RuntimeError`` when a run fails.
     """
@@ -119,7 +119,7 @@ def materialize_all(
     run_ids = {}
 
     # Observing the report source first records each bucket's data version, so that a
-    # schedule or sensor switched on later sees nothing new and re-runs nothing.
+    # schedule or sensor switched on later finds no new version and re-runs nothing.
     observe = defs.resolve_job_def(automation.OBSERVE_JOB_NAME)
     result = observe.execute_in_process(instance=instance, raise_on_error=False)
     _check(result, "report source observation")

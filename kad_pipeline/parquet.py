@@ -1,6 +1,6 @@
 """Parquet files that carry their own lineage in the file footer.
 
-A table found alone in a bucket still says which asset, partition, code version and run
+A table found alone in a bucket still records which asset, partition, code version and run
 wrote it, and from which upstream data versions.
 """
 

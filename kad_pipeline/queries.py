@@ -2,7 +2,7 @@
 
 # The 41 query entities of the KAD reference code, in its order. Some are word stems
 # ("pleural thicken", "hyperinflate", "blunt") because the reference vocabulary was built
-# from stemmed report mentions; we keep them verbatim so released checkpoints line up.
+# from stemmed report mentions. They are kept verbatim so released checkpoints line up.
 KAD_QUERIES: tuple[str, ...] = (
     "normal", "pleural effusion", "opacity", "pneumothorax", "edema", "atelectasis",
     "tube", "consolidation", "enlarged cardiomediastinum", "tip", "pneumonia", "line",

@@ -217,7 +217,12 @@ class ArtifactStore:
         """Yield every object key under ``prefix``, in sorted order on local folders."""
         prefix = prefix.strip("/")
         if self.is_s3:
-            full_prefix = self._s3_key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+            if prefix:
+                full_prefix = self._s3_key(prefix)
+            elif self.prefix:
+                full_prefix = f"{self.prefix}/"
+            else:
+                full_prefix = ""
             paginator = self.s3.get_paginator("list_objects_v2")
             strip = len(f"{self.prefix}/") if self.prefix else 0
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):

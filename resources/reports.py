@@ -1,4 +1,4 @@
-"""Where the raw reports come from."""
+"""The report source resource: the raw report collection the pipeline reads."""
 
 from __future__ import annotations
 

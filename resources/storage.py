@@ -18,7 +18,7 @@ def default_artifacts_uri() -> str:
 
 
 class ArtifactStorageResource(dg.ConfigurableResource):
-    """Where checkpoints, caches, images and reports live: a local folder or ``s3://bucket/prefix``."""
+    """Storage location of checkpoints, caches, images and reports: a local folder or ``s3://bucket/prefix``."""
 
     base_uri: str = Field(default_factory=default_artifacts_uri, description="Local folder or s3://bucket/prefix.")
     s3_endpoint_url: str | None = Field(

@@ -68,9 +68,11 @@ def test_generate_writes_manifest_and_annotations(tmp_path):
     assert sorted(annotations["finding"].to_list()) == ["cardiomegaly", "pleural effusion"]
     assert set(annotations["image_id"]) == {"CXR2_IM-1"}
     for row in annotations.iter_rows(named=True):
-        assert 0 <= row["x0"] < row["x1"] <= 64 and 0 <= row["y0"] < row["y1"] <= 64
+        assert 0 <= row["x0"] < row["x1"] <= 64
+        assert 0 <= row["y0"] < row["y1"] <= 64
     image = Image.open(manifest["path"][1])
-    assert image.mode == "L" and image.size == (64, 64)
+    assert image.mode == "L"
+    assert image.size == (64, 64)
 
 
 def test_split_fractions_close_to_targets():

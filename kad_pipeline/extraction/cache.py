@@ -10,7 +10,7 @@ of the report id, so it works on a local folder and on S3 alike:
 A shard has one row per text hash, with that text's result rows (everything but report_id)
 in a list column. Rewriting a shard keeps only the texts of the reports that the bucket contains
 now, so an edited or deleted report leaves no stale entry behind. Two runs of one bucket at
-once each rewrite its shard and the last write wins; every entry is a pure function of its
+once each rewrite its shard and the last write wins. Every entry is a pure function of its
 text, so a lost entry only costs a recomputation.
 """
 
